@@ -223,6 +223,11 @@ class ParchGrad:
         self._targets: Tensor | None = None
         self._activations: dict[str, Tensor] = {}
 
+    @property
+    def active(self) -> bool:
+        """True while the hooks are installed (inside the ``with`` block)."""
+        return bool(self._handles)
+
     def set_targets(self, targets: Tensor | int | Sequence[int]) -> None:
         """Set the explained class of each sample of the next forward pass (``[B]`` or a scalar)."""
         self._targets = torch.as_tensor(targets, dtype=torch.long)
