@@ -53,7 +53,8 @@ def _check_maps(maps: Tensor) -> None:
 
 def _check_masks(masks: Tensor, maps: Tensor) -> None:
     if not isinstance(masks, Tensor) or masks.dtype != torch.bool:
-        raise TypeError(f"masks must be a bool tensor of shape [B, H, W], got {masks!r:.80}")
+        kind = masks.dtype if isinstance(masks, Tensor) else type(masks).__name__
+        raise TypeError(f"masks must be a bool tensor of shape [B, H, W], got {kind}")
     if masks.shape != maps.shape:
         raise ValueError(f"masks shape {tuple(masks.shape)} does not match maps shape {tuple(maps.shape)}")
 
@@ -173,7 +174,9 @@ def box_energy(maps: Tensor, boxes: Tensor) -> dict[str, Tensor]:
         whole image and a map whose relevance sums to zero are invalid.
     """
     _check_maps(maps)
-    return mask_energy(maps, _region_masks(boxes, maps) if boxes.dtype != torch.bool else boxes)
+    if isinstance(boxes, Tensor) and boxes.dtype == torch.bool:
+        raise TypeError("box_energy expects [B, 4] boxes; pass bool masks to mask_energy instead.")
+    return mask_energy(maps, _region_masks(boxes, maps))
 
 
 def pointing_game(maps: Tensor, region: Tensor) -> dict[str, Tensor]:
