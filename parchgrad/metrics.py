@@ -46,8 +46,8 @@ def _check_maps(maps: Tensor) -> None:
         raise TypeError(f"maps must be a torch.Tensor of shape [B, H, W], got {type(maps).__name__}")
     if maps.dim() != 3:
         raise ValueError(
-            f"maps must have shape [B, H, W], got shape {tuple(maps.shape)}; "
-            "average over colour channels before calling a metric."
+            f"maps must have shape [B, H, W], got shape {tuple(maps.shape)}. "
+            "Average over colour channels before calling a metric."
         )
 
 
@@ -98,11 +98,11 @@ def _region_masks(region: Tensor, maps: Tensor) -> Tensor:
     """Accept either ``[B, 4]`` boxes or ``[B, H, W]`` bool masks and return masks."""
     if isinstance(region, Tensor) and region.dtype == torch.bool:
         _check_masks(region, maps)
-        return region
+        return region.to(maps.device)
     if isinstance(region, Tensor) and region.dim() == 2 and region.shape[1] == 4:
         if region.shape[0] != maps.shape[0]:
             raise ValueError(f"boxes has {region.shape[0]} rows but maps has batch size {maps.shape[0]}")
-        return boxes_to_masks(region, maps.shape[1], maps.shape[2])
+        return boxes_to_masks(region.to(maps.device), maps.shape[1], maps.shape[2])
     shape = tuple(region.shape) if isinstance(region, Tensor) else type(region).__name__
     raise ValueError(f"region must be [B, 4] boxes or [B, H, W] bool masks, got {shape}")
 
@@ -139,6 +139,7 @@ def mask_energy(maps: Tensor, masks: Tensor) -> dict[str, Tensor]:
     _check_maps(maps)
     _check_masks(masks, maps)
 
+    masks = masks.to(maps.device)
     relevance_map = relevance(maps).to(torch.float64)
     total = relevance_map.sum(dim=(1, 2))
     inside = (relevance_map * masks).sum(dim=(1, 2))
@@ -175,7 +176,7 @@ def box_energy(maps: Tensor, boxes: Tensor) -> dict[str, Tensor]:
     """
     _check_maps(maps)
     if isinstance(boxes, Tensor) and boxes.dtype == torch.bool:
-        raise TypeError("box_energy expects [B, 4] boxes; pass bool masks to mask_energy instead.")
+        raise TypeError("box_energy expects [B, 4] boxes. Pass bool masks to mask_energy instead.")
     return mask_energy(maps, _region_masks(boxes, maps))
 
 
@@ -226,8 +227,8 @@ def _check_deletion_inputs(
         raise ValueError(f"inputs must have shape [B, C, H, W], got {tuple(inputs.shape)}")
     if inputs.shape[0] != maps.shape[0] or inputs.shape[2:] != maps.shape[1:]:
         raise ValueError(
-            f"inputs shape {tuple(inputs.shape)} does not match maps shape {tuple(maps.shape)}; "
-            "maps must have the batch size and spatial size of inputs."
+            f"inputs shape {tuple(inputs.shape)} does not match maps shape {tuple(maps.shape)}. "
+            "The maps must have the batch size and spatial size of inputs."
         )
     if labels.shape != (inputs.shape[0],):
         raise ValueError(f"labels must have shape [{inputs.shape[0]}], got {tuple(labels.shape)}")
@@ -304,7 +305,7 @@ def deletion_scores(
     ranks = _deletion_ranks(relevance_flat, order)  # [B, P]
     valid = relevance_flat.amax(dim=1) > relevance_flat.amin(dim=1)
 
-    # Column 0 is the unmodified input; columns 1..R delete int(A * r) pixels.
+    # Column 0 is the unmodified input, and columns 1..R delete int(A * r) pixels.
     deleted_counts = torch.tensor(
         [0] + [int(pixel_count * float(r)) for r in ratios], device=inputs.device
     )  # [R + 1]
@@ -370,7 +371,7 @@ def summarize(values, valid=None, confidence: float = 0.95) -> tuple[float, floa
     array = values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
     array = array.astype(np.float64)
     if array.ndim != 1:
-        raise ValueError(f"values must be 1-D, got shape {array.shape}; average over other axes first.")
+        raise ValueError(f"values must be 1-D, got shape {array.shape}. Average over other axes first.")
     if valid is None:
         flags = np.ones(array.shape, dtype=bool)
     else:
@@ -383,7 +384,7 @@ def summarize(values, valid=None, confidence: float = 0.95) -> tuple[float, floa
 
     selected = array[flags]
     if not np.isfinite(selected).all():
-        raise ValueError("values flagged valid contain NaN or infinity; flag them invalid or fix the metric.")
+        raise ValueError("values flagged valid contain NaN or infinity. Flag them invalid or fix the metric.")
     count = int(selected.size)
     if count == 0:
         return math.nan, math.nan, math.nan, 0

@@ -1,7 +1,7 @@
 """Gradient aggregation in two dimensions: why many small gradients can turn a sum.
 
-Group H holds a few 2-D "gradients" that are large in dimension 2; group L
-holds many gradients that are small in both dimensions. Each sum of ``n``
+Group H contains a few 2-D "gradients" that are large in dimension 2, and
+group L contains many gradients that are small in both dimensions. Each sum of ``n``
 independent zero-mean terms of standard deviation ``s`` has standard
 deviation ``s * sqrt(n)``, so L's sum grows with ``|L|`` and can rival H's
 sum and turn the direction of the total even though every L vector is small.
@@ -10,8 +10,9 @@ Draw distributions, with ``s`` a per-dimension scale:
 
 - ``"normal"``: ``N(0, s^2)``, as the paper's text describes (standard
   deviation ``s``);
-- ``"uniform"``: uniform on ``(-s/2, s/2)``, as the released notebook draws
-  (standard deviation ``s / sqrt(12)``).
+- ``"uniform"``: uniform on ``(-s/2, s/2)``, as the notebook
+  ``labs/2d_vector/visualize.ipynb`` of the authors' code release
+  v23.11.07.1 draws (standard deviation ``s / sqrt(12)``).
 
 Analytic expectations (:func:`expected_norm_ratio`, :func:`expected_angle`)
 model each group's sum as a zero-mean Gaussian with per-dimension standard
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import integrate, special, stats
+from scipy import integrate, special
 
 from .metrics import summarize
 
@@ -39,10 +40,12 @@ __all__ = [
     "draw_vectors",
     "expected_angle",
     "expected_norm_ratio",
+    "figure_summary",
     "monte_carlo_table",
     "released_figure_vectors",
     "simulate_aggregation",
     "sum_std",
+    "term_std",
 ]
 
 DISTRIBUTIONS = ("normal", "uniform")
@@ -103,7 +106,7 @@ def released_figure_vectors(
     ``seed`` and draws one dimension at a time: H's first entries, H's second
     entries, L's first entries, then L's second entries. With
     ``distribution="uniform"`` each entry is ``(u - 0.5) * s`` for
-    ``u ~ U[0, 1)``, as released; ``"normal"`` draws ``N(0, s^2)`` in the
+    ``u ~ U[0, 1)``, as released, and ``"normal"`` draws ``N(0, s^2)`` in the
     same order, as the paper's text describes.
 
     Returns:
@@ -172,7 +175,7 @@ def simulate_aggregation(
 def _expected_gaussian_norm(stds: np.ndarray) -> float:
     """Return ``E|X|`` for ``X ~ N(0, diag(a^2, b^2))``: ``sqrt(2/pi) * b * E(1 - a^2/b^2)``, ``b >= a``.
 
-    ``E(m)`` is the complete elliptic integral of the second kind; for
+    ``E(m)`` is the complete elliptic integral of the second kind. For
     ``a = b = s`` this is the Rayleigh mean ``s * sqrt(pi/2)``.
     """
     small, large = float(np.min(stds)), float(np.max(stds))
@@ -232,7 +235,7 @@ def _expected_phase_magnitude(snr: float) -> float:
         ) * special.ndtr(snr * cos_phi)
         return phi * density / (2.0 * math.pi)
 
-    # The density concentrates within a few 1/k of 0 for a large k; the break point helps quad find it.
+    # For a large k the density concentrates within a few 1/k of 0, so a break point helps quad find it.
     breakpoints = [min(math.pi / 2, 6.0 / snr)] if snr > 2.0 else None
     value, _ = integrate.quad(weighted_density, 0.0, math.pi, points=breakpoints, limit=200)
     return 2.0 * value
@@ -362,6 +365,3 @@ def figure_summary(vectors: dict[str, np.ndarray]) -> dict[str, float | list[flo
         "norm_ratio": float(np.linalg.norm(l_sum) / np.linalg.norm(h_sum)),
     }
 
-
-# Kept for readers who look up the analytic model by name.
-_ = stats

@@ -333,10 +333,12 @@ def test_summarize_matches_t_interval():
 
 def test_summarize_small_counts():
     nothing = summarize(np.array([math.nan]), np.array([False]))
-    assert math.isnan(nothing[0]) and nothing[3] == 0
+    assert math.isnan(nothing[0])
+    assert nothing[3] == 0
     single = summarize(np.array([0.7]))
     assert single[0] == pytest.approx(0.7)
-    assert math.isnan(single[1]) and single[3] == 1
+    assert math.isnan(single[1])
+    assert single[3] == 1
 
 
 def test_summarize_rejects_nan_flagged_valid():
