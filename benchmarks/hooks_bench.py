@@ -175,4 +175,4 @@ def run(repeats: int = 7, image_size: int = 224) -> list[dict]:
 if __name__ == "__main__":
     results = run()
     print_table(results)
-    save_results("hooks", results)
+    save_results("hooks_bench", results)

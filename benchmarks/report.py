@@ -18,8 +18,8 @@ def print_table(rows: list[dict]) -> None:
     width = max(len(row["item"]) for row in rows)
     print(f"{'item':<{width}}  {'measured':>10}  {'target':>10}  result")
     for row in rows:
-        verdict = "pass" if row["passed"] else "FAIL"
-        print(f"{row['item']:<{width}}  {row['measured']:>10}  {row['target']:>10}  {verdict}")
+        verdict = {True: "pass", False: "FAIL", None: "-"}[row["passed"]]
+        print(f"{row['item']:<{width}}  {row['measured']!s:>10}  {row['target']!s:>10}  {verdict}")
 
 
 def save_results(name: str, rows: list[dict]) -> Path:

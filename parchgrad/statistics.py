@@ -9,8 +9,8 @@ One streaming pass over a labelled dataset fills a :class:`StatisticsAccumulator
 - per (class, channel): count, mean and M2 (sum of squared deviations from the
   mean), in float64, merged batch by batch with Chan et al.'s parallel update;
 - a uniform random sample of at most ``reservoir_size`` dataset rows (one row
-  holds every channel's GAP of one image), kept with Vitter's algorithm R, for
-  the Shapiro-Wilk test.
+  contains every channel's GAP of one image), kept with reservoir sampling
+  (algorithm R), for the Shapiro-Wilk test.
 
 Accumulators of dataset shards merge into the same result as one pass, so a
 sweep can collect shards in separate jobs (:func:`shard_dataset`,
@@ -192,6 +192,8 @@ def _shard_loader(loader: DataLoader, shard_index: int, num_shards: int) -> Data
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
         drop_last=loader.drop_last,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers,
     )
 
 
@@ -254,6 +256,7 @@ class StatisticsAccumulator:
         self._m2 = torch.zeros(self.num_classes, self.total_channels, dtype=torch.float64)
         self._reservoir = torch.zeros(self.reservoir_size, self.total_channels, dtype=torch.float32)
         self._rng = np.random.default_rng(self.seed)
+        self._buffer: np.ndarray | None = None
 
     # -- views ---------------------------------------------------------------
 
@@ -280,65 +283,101 @@ class StatisticsAccumulator:
 
     # -- update --------------------------------------------------------------
 
-    def _stack_batch(self, gaps: Mapping[str, Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Check one batch and return it as ``[B, sum C]`` float64 values and ``[B]`` int64 labels."""
+    def _stack_batch(self, gaps: Mapping[str, Tensor], labels: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Check one batch and copy it into a reused ``[B, sum C]`` float64 buffer; return it and ``[B]`` int64 labels."""
         missing = [layer for layer in self.layer_channels if layer not in gaps]
         extra = [layer for layer in gaps if layer not in self.layer_channels]
         if missing or extra:
             raise ValueError(
                 f"gaps must have exactly the accumulator's layers; missing {missing}, unexpected {extra}."
             )
+
         labels = torch.as_tensor(labels).detach().cpu()
         if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
             raise ValueError(
                 f"labels must be a [B] integer tensor, got dtype {labels.dtype} shape {tuple(labels.shape)}"
             )
         labels = labels.to(torch.int64)
+
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise ValueError(
                 f"labels must be in [0, {self.num_classes}), got min {int(labels.min())} and "
                 f"max {int(labels.max())}. Check num_classes."
             )
-        columns = []
+
+        batch_size = labels.numel()
         for layer, channels in self.layer_channels.items():
-            values = gaps[layer].detach()
-            if values.shape != (labels.numel(), channels):
+            if gaps[layer].shape != (batch_size, channels):
                 raise ValueError(
-                    f"gaps[{layer!r}] must have shape [B, C] = {[labels.numel(), channels]}, "
-                    f"got {list(values.shape)}"
+                    f"gaps[{layer!r}] must have shape [B, C] = {[batch_size, channels]}, "
+                    f"got {list(gaps[layer].shape)}"
                 )
-            columns.append(values.to(device="cpu", dtype=torch.float64))
-        return torch.cat(columns, dim=1), labels
+
+        # Reusing one buffer avoids allocating (and page-faulting) a fresh
+        # [B, sum C] float64 array for every batch.
+        if self._buffer is None or self._buffer.shape[0] < batch_size:
+            self._buffer = np.empty((batch_size, self.total_channels), dtype=np.float64)
+        values = self._buffer[:batch_size]
+        for layer, part in self._slices.items():
+            values[:, part] = gaps[layer].detach().cpu().numpy()
+        return values, labels.numpy()
 
     def update(self, gaps: Mapping[str, Tensor], labels: Tensor) -> None:
         """Add one batch: ``gaps[layer]`` is ``[B, C]`` (GAP per image and channel), ``labels`` is ``[B]``."""
         values, labels = self._stack_batch(gaps, labels)
-        if labels.numel() == 0:
+        if labels.size == 0:
             return
-        seen_before = self.num_samples
+        self._update_reservoir(values, self.num_samples)
         self._update_moments(values, labels)
-        self._update_reservoir(values, seen_before)
 
-    def _update_moments(self, values: Tensor, labels: Tensor) -> None:
-        classes, inverse = torch.unique(labels, return_inverse=True)
-        batch_count = torch.bincount(inverse, minlength=classes.numel()).to(torch.float64)[:, None]
-        batch_sum = torch.zeros(classes.numel(), values.shape[1], dtype=torch.float64)
-        batch_sum.index_add_(0, inverse, values)
-        batch_mean = batch_sum / batch_count
-        deviation = values - batch_mean[inverse]
-        batch_m2 = torch.zeros_like(batch_sum)
-        batch_m2.index_add_(0, inverse, deviation * deviation)
+    def _update_moments(self, values: np.ndarray, labels: np.ndarray) -> None:
+        """Merge the ``[B, sum C]`` batch into the class moments.
 
-        # Chan et al. (1979): combine (n_a, mean_a, M2_a) with (n_b, mean_b, M2_b).
-        count_a = self.class_counts[classes].to(torch.float64)[:, None]
-        mean_a = self._mean[classes]
-        count = count_a + batch_count
-        delta = batch_mean - mean_a
-        self._mean[classes] = mean_a + delta * (batch_count / count)
-        self._m2[classes] = self._m2[classes] + batch_m2 + delta * delta * (count_a * batch_count / count)
-        self.class_counts[classes] += batch_count[:, 0].to(torch.int64)
+        The batch is sorted by label so that per-class sums are segment sums
+        (``np.add.reduceat``). NumPy runs these element-wise steps on one
+        thread, which avoids the slowdown of torch's intra-op threads on a
+        busy CPU.
+        """
+        order = np.argsort(labels, kind="stable")
+        sorted_labels = labels[order]
+        starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+        classes = sorted_labels[starts]
+        batch_count = np.diff(np.r_[starts, len(labels)]).astype(np.float64)[:, None]
 
-    def _update_reservoir(self, values: Tensor, seen_before: int) -> None:
+        rows = values[order]
+        batch_mean = np.add.reduceat(rows, starts, axis=0)
+        batch_mean /= batch_count
+
+        # A class with one row in the batch has M2 = 0, and with 1,000 classes
+        # most classes of a batch have one row, so only the others are computed.
+        segment_sizes = batch_count[:, 0].astype(np.int64)
+        repeated = segment_sizes > 1
+        batch_m2 = np.zeros_like(batch_mean)
+        if repeated.any():
+            deviation = rows[np.repeat(repeated, segment_sizes)]
+            deviation -= np.repeat(batch_mean[repeated], segment_sizes[repeated], axis=0)
+            np.square(deviation, out=deviation)
+            repeated_starts = np.r_[0, np.cumsum(segment_sizes[repeated])[:-1]]
+            batch_m2[repeated] = np.add.reduceat(deviation, repeated_starts, axis=0)
+
+        # Chan et al. (1979): combine (n_a, mean_a, M2_a) with (n_b, mean_b, M2_b):
+        # delta = mean_b - mean_a, mean = mean_a + delta * n_b / n,
+        # M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
+        class_counts = self.class_counts.numpy()
+        all_means = self._mean.numpy()
+        all_m2 = self._m2.numpy()
+        count_a = class_counts[classes].astype(np.float64)[:, None]
+        weight_b = batch_count / (count_a + batch_count)
+        mean = all_means[classes]
+        delta = np.subtract(batch_mean, mean, out=batch_mean)
+        all_means[classes] = mean + delta * weight_b
+        np.square(delta, out=delta)
+        delta *= weight_b * count_a
+        delta += batch_m2
+        all_m2[classes] += delta
+        class_counts[classes] += batch_count[:, 0].astype(np.int64)
+
+    def _update_reservoir(self, values: np.ndarray, seen_before: int) -> None:
         """Algorithm R over the batch's rows, vectorized: row ``t`` (0-based) enters with probability ``R / (t + 1)``."""
         if self.reservoir_size == 0:
             return
@@ -353,7 +392,7 @@ class StatisticsAccumulator:
         reversed_slots = slots[::-1]
         _, first_in_reversed = np.unique(reversed_slots, return_index=True)
         keep = len(slots) - 1 - first_in_reversed
-        self._reservoir[torch.from_numpy(slots[keep])] = values[torch.from_numpy(rows[keep])].to(torch.float32)
+        self._reservoir.numpy()[slots[keep]] = values[rows[keep]]
 
     # -- merge ---------------------------------------------------------------
 
@@ -701,7 +740,7 @@ class ChannelStatistics:
         """Raise ValueError at the first Conv2d of ``model`` that does not match the metadata.
 
         When the statistics were collected from a model (``model_layers`` in the
-        metadata), every Conv2d is compared in order, so a missing, extra or
+        metadata), every Conv2d is compared by name, so a missing, extra or
         renamed layer and a different channel count are all caught. Otherwise
         each layer of the statistics must be a Conv2d of ``model`` with the same
         channel count.
