@@ -38,11 +38,11 @@ import logging
 import math
 import os
 import random
-import shutil
 import socket
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +57,16 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
+# conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml share their names with
+# the launcher plugins' structured configs, so Hydra 1.3 validates them against those
+# schemas and warns that this matching is deprecated. The validation is wanted; the
+# warning, printed once per job, is not.
+warnings.filterwarnings(
+    "ignore",
+    message=r"\s*'hydra/launcher/(joblib|submitit_local|submitit_slurm)' is validated against ConfigStore schema",
+    category=UserWarning,
+)
+
 __all__ = [
     "COMPLETE_MARKER",
     "NON_RESULT_KEYS",
@@ -70,9 +80,12 @@ __all__ = [
     "mean_confidence_interval",
     "resolve_path_keys",
     "run_experiment",
+    "save_npz_atomic",
     "seed_everything",
     "summarize_table",
+    "to_plain",
     "write_bytes_atomic",
+    "write_csv_atomic",
     "write_json_atomic",
     "write_text_atomic",
 ]
@@ -225,6 +238,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
             temp_file.write(data)
             temp_file.flush()
             os.fsync(temp_file.fileno())
+        # mkstemp creates the file readable by its owner only; results are meant to be shared.
+        os.chmod(temp_name, 0o644)
         os.replace(temp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -344,7 +359,7 @@ def hold_lock(lock_path: Path) -> Iterator[None]:
                 continue
             owner = lock_path.read_text(errors="replace") if lock_path.exists() else "unknown"
             raise RuntimeError(
-                f"Another run holds {lock_path} (owner {owner}). Wait for it to finish, or "
+                f"Lock {lock_path} is taken by another run (owner {owner}). Wait for it to finish, or "
                 "delete the lock file if no run of this configuration is active."
             ) from None
     try:
@@ -380,7 +395,7 @@ def claim_output_dir(base: Path, experiment: str, digest: str) -> Path:
 
 @dataclass
 class RunResult:
-    """What an experiment body returns: the tidy table and the summary entries."""
+    """Output of an experiment body: the tidy results table and extra summary entries."""
 
     table: pd.DataFrame
     summary: dict[str, Any] = field(default_factory=dict)
@@ -388,7 +403,7 @@ class RunResult:
 
 @dataclass
 class RunContext:
-    """The state an experiment body receives: its configuration and where to write."""
+    """Configuration and output locations passed to an experiment body."""
 
     cfg: DictConfig
     experiment: str
@@ -614,8 +629,3 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return value
-
-
-def remove_tree(path: Path) -> None:
-    """Remove ``path`` and everything below it, if it exists."""
-    shutil.rmtree(path, ignore_errors=True)
