@@ -90,7 +90,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summaries["e2"] = {}
     for name, images in cfg.models.items():
         log.info("Stage e2_magnitude for model=%s on %s images (models.%s)", name, images, name)
-        extra = [f"model={name}", f"evaluation.num_images={images}", f"e2.saved_images={images}", *progress]
+        saved = min(int(images), int(cfg.max_saved_images))
+        extra = [f"model={name}", f"evaluation.num_images={images}", f"e2.saved_images={saved}", *progress]
         summaries["e2"][name] = e2_magnitude.run(stage_config(cfg, "e2_magnitude", output_dir, extra))
     from scripts.plot_e2 import plot_all as plot_e2
 
