@@ -47,11 +47,12 @@ from experiments.evaluate import (
     metric_columns,
     summary_records,
 )
+from parchgrad.attribution import map_kind
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "e2_magnitude"
-GROUP_COLUMNS = ["model", "data", "attribution", "setting", "selection", "quantile", "vc", "layers"]
+GROUP_COLUMNS = ["model", "data", "attribution", "map_kind", "setting", "selection", "quantile", "vc", "layers"]
 
 
 def e2_settings(cfg: DictConfig) -> list[Setting]:
@@ -137,6 +138,7 @@ def _body(context: RunContext) -> RunResult:
             "model": cfg.model.architecture,
             "data": cfg.data.name,
             "attribution": cfg.attribution.name,
+            "map_kind": map_kind(cfg.attribution.name),
             "test_accuracy": info.get("test_accuracy"),
             "images": int(len(data["label"])),
             "settings": [setting.label() for setting in settings],

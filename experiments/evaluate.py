@@ -7,7 +7,8 @@ split; sweeps go through Hydra's multirun::
     python -m experiments.evaluate -m selection=cls,ins,none parchgrad.variance_conservation=true,false
     python -m experiments.evaluate -m hydra/launcher=joblib attribution=grad,ig parchgrad.quantile=0.05,0.1
 
-Metrics, one row per image in ``results.csv``:
+Metrics, one row per image in ``results.csv``, next to the setting's columns and
+``map_kind`` (``absolute``: every metric reads the non-negative map ``|a|``):
 
 - the bounding-box energies ``mu_in``, ``mu_in_w``, ``mu_out``, ``mu_out_w``
   and their ``box_valid`` flag;
@@ -44,11 +45,12 @@ from experiments.common import (
     absolute_path,
     markdown_table,
     run_experiment,
+    seed_everything,
     summarize_table,
     to_plain,
     write_csv_atomic,
 )
-from parchgrad.attribution import attribute
+from parchgrad.attribution import attribute, map_kind
 from parchgrad.control import ParchGrad
 from parchgrad.data import denormalize
 from parchgrad.layers import resolve_layers
@@ -365,6 +367,14 @@ def evaluate_setting(
 ) -> tuple[pd.DataFrame, pd.DataFrame, Tensor]:
     """Compute and score the maps of one setting; return the results rows, deletion rows and ``[N, H, W]`` maps."""
     evaluation = cfg.evaluation
+    options = to_plain(cfg.attribution.options) or {}
+    if options.get("signed", False):
+        raise ValueError(
+            "attribution.options.signed=true returns [B, 3, H, W] signed attributions, but the "
+            "evaluation scores [B, H, W] maps; remove attribution.options.signed."
+        )
+    # Recorded in every row, so a table never mixes up scores of signed and absolute maps.
+    kind = map_kind(cfg.attribution.name)
     controller = make_controller(model, cfg.model.architecture, statistics, setting)
     hooked = 0 if controller is None else len(controller.layers)
     log.info(
@@ -374,12 +384,16 @@ def evaluate_setting(
         hooked,
         len(targets),
     )
+    # Reseed from the config, so that random maps (SmoothGrad noise) do not depend on what
+    # ran before them. That may be training or statistics collection on a cold cache, an
+    # earlier setting of E2, or an earlier job of a multirun in the same process.
+    seed_everything(cfg.get("seed"))
     maps = compute_maps(
         model,
         data["image"],
         targets,
         cfg.attribution.name,
-        to_plain(cfg.attribution.options) or {},
+        options,
         controller,
         int(cfg.model.batch_size),
         bool(cfg.progress),
@@ -399,6 +413,7 @@ def evaluate_setting(
         "model": cfg.model.architecture,
         "data": cfg.data.name,
         "attribution": cfg.attribution.name,
+        "map_kind": kind,
         **setting.columns(),
         "hooked_layers": hooked,
     }
@@ -458,13 +473,14 @@ def _body(context: RunContext) -> RunResult:
             },
         )
 
-    summary, records = summary_records(results, ["model", "data", "attribution", "setting"])
+    summary, records = summary_records(results, ["model", "data", "attribution", "map_kind", "setting"])
     context.save_text("table.md", markdown_table(summary, ["model", "attribution", "setting"], metric_columns(results)))
     return RunResult(
         results,
         {
             "setting": setting.label(),
             "model": cfg.model.architecture,
+            "map_kind": map_kind(cfg.attribution.name),
             "test_accuracy": info.get("test_accuracy"),
             "images": int(len(results)),
             "table": records,

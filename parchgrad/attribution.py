@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .control import ParchGrad
 
-__all__ = ["ATTRIBUTION_METHODS", "AttributionMethod", "attribute"]
+__all__ = ["ATTRIBUTION_METHODS", "AttributionMethod", "attribute", "map_kind"]
 
 IG_POINTS = 26  # points i / 25, i = 0..25, as released
 SMOOTHGRAD_SAMPLES = 25
@@ -90,7 +90,7 @@ def _smoothgrad(forward, inputs, target, forward_args, *, nt_samples=SMOOTHGRAD_
     maps = []
     for row in range(inputs.shape[0]):
         image = inputs[row : row + 1]
-        value_range = float(image.max() - image.min())
+        value_range = float(image.detach().max() - image.detach().min())
         row_args = tuple(arg[row : row + 1] for arg in forward_args)
         maps.append(
             tunnel.attribute(
@@ -113,6 +113,22 @@ ATTRIBUTION_METHODS: dict[str, AttributionMethod] = {
     "ig": AttributionMethod("ig", _integrated_gradients, absolute_before_mean=False),
     "smoothgrad": AttributionMethod("smoothgrad", _smoothgrad, absolute_before_mean=True),
 }
+
+
+def map_kind(method: str, signed: bool = False) -> str:
+    """Return the kind of map that ``attribute(..., method, signed=signed)`` returns.
+
+    ``"absolute"`` is the non-negative ``[B, H, W]`` map, ``"signed"`` the
+    ``[B, 3, H, W]`` attribution before any absolute value. Results record it
+    next to their scores, because the metrics of :mod:`parchgrad.metrics` read
+    ``|map|`` and so give the same scores to a signed map and its absolute value.
+
+    Raises:
+        ValueError: for a method not in :data:`ATTRIBUTION_METHODS`.
+    """
+    if method not in ATTRIBUTION_METHODS:
+        raise ValueError(f"Unknown attribution method {method!r}; choose one of {sorted(ATTRIBUTION_METHODS)}.")
+    return "signed" if signed else "absolute"
 
 
 def _format_target(target: Tensor | int | list[int], batch: int, device: torch.device) -> Tensor:

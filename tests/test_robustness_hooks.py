@@ -11,6 +11,7 @@ from torch import nn
 from parchgrad.attribution import attribute
 from parchgrad.control import ParchGrad, modify_output_gradient
 from parchgrad.layers import default_layer_names
+from parchgrad.statistics import collect_statistics
 
 
 class KeepAll:
@@ -186,6 +187,18 @@ def test_batchnorm_statistics_unchanged_by_attribution():
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
 
+
+def test_batchnorm_statistics_unchanged_by_collection():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    layers = default_layer_names(model, "resnet18")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [{"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0])} for _ in range(2)]
+    collect_statistics(model, batches, num_classes=3, layers=layers, progress=False)
+    assert not model.training
+    assert hook_count(model) == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 def test_training_mode_rejected_and_left_as_is():
     model = plain_vgg16().train()
