@@ -499,8 +499,8 @@ def build_synthetic_benchmark(
         config: generation settings (see ``DEFAULT_CONFIG``), for example the
             ``data`` group of the Hydra config. Its ``root`` entry is used when
             the ``root`` argument is None.
-        root: folder that holds the cached benchmarks; each config gets its
-            own subfolder ``synthetic-<key>``.
+        root: folder that contains the cached benchmarks. Each config gets
+            its own subfolder ``synthetic-<key>``.
         progress: show a tqdm progress bar while generating.
         **overrides: generation settings that take precedence over ``config``.
 
@@ -526,10 +526,13 @@ def build_synthetic_benchmark(
         _generate(staging, full_config, progress)
         try:
             os.replace(staging, target)
-        except OSError:
+        except OSError as error:
             # Another process finished the same benchmark first; keep its copy.
             if not (target / "labels.csv").is_file():
-                raise
+                raise OSError(
+                    f"Cannot create {target}: the folder exists but has no labels.csv, so it "
+                    "is not a complete benchmark. Delete it and run again."
+                ) from error
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -558,7 +561,7 @@ class SyntheticBenchmark(Dataset):
 
     Raises:
         ValueError: for an unknown split.
-        FileNotFoundError: if ``root`` holds no ``labels.csv``.
+        FileNotFoundError: if ``root`` contains no ``labels.csv``.
     """
 
     def __init__(self, root: str | os.PathLike, split: str) -> None:
