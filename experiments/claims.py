@@ -313,6 +313,24 @@ def resnet_claim(run_dir: Path | None, cfg: DictConfig) -> dict[str, Any]:
                 increase_verdict(interval))
 
 
+def _largest_vc_deviation(run_dir: Path, cfg: DictConfig) -> float:
+    """Return the largest deviation from proportionality between saved maps with and without VC."""
+    deviations = []
+    with np.load(run_dir / "maps.npz") as saved:
+        names = [str(name) for name in saved["settings"]]
+        maps = saved["maps"]
+        for quantile in cfg.claims.quantiles:
+            on = maps[names.index(VC_ON.format(quantile=quantile))]
+            off = maps[names.index(VC_OFF.format(quantile=quantile))]
+            deviations.append(proportionality_deviation(on, off))
+    return float(np.max(np.concatenate(deviations)))
+
+
+def _saved_image_count(run_dir: Path) -> int:
+    with np.load(run_dir / "maps.npz") as saved:
+        return int(saved["maps"].shape[1])
+
+
 def vgg_claim(run_dir: Path | None, cfg: DictConfig) -> dict[str, Any]:
     metric = cfg.claims.metric
     tolerance = float(cfg.claims.proportionality_tolerance)
@@ -326,19 +344,11 @@ def vgg_claim(run_dir: Path | None, cfg: DictConfig) -> dict[str, Any]:
     if run_dir is None:
         return _missing_row("E2-vgg16", claim, "e2_magnitude", rule)
     interval = _vc_difference(pd.read_csv(run_dir / "results.csv"), cfg, metric)
-    deviations = []
-    with np.load(run_dir / "maps.npz") as saved:
-        names = [str(name) for name in saved["settings"]]
-        maps = saved["maps"]
-        for quantile in cfg.claims.quantiles:
-            on = maps[names.index(VC_ON.format(quantile=quantile))]
-            off = maps[names.index(VC_OFF.format(quantile=quantile))]
-            deviations.append(proportionality_deviation(on, off))
-    largest = float(np.max(np.concatenate(deviations)))
+    largest, images = _largest_vc_deviation(run_dir, cfg), _saved_image_count(run_dir)
     verdict = SUPPORTED if largest <= tolerance else NOT_SUPPORTED
     note = (
-        f"largest deviation from proportionality: {largest:.2e} over {deviations[0].size} images x "
-        f"{len(deviations)} quantiles; VGG16 here is vgg16_bn with a global-pool linear head on the "
+        f"largest deviation from proportionality: {largest:.2e} over {images} images x "
+        f"{len(cfg.claims.quantiles)} quantiles; VGG16 here is vgg16_bn with a global-pool linear head on the "
         "synthetic benchmark (every hooked convolution is in `features`)"
     )
     return _row("E2-vgg16", claim, run_dir, f"{metric} difference, VC on - off", interval, rule, verdict, note)
@@ -363,6 +373,10 @@ def efficientnet_claim(run_dir: Path | None, cfg: DictConfig) -> dict[str, Any]:
     verdict = NOT_SUPPORTED if len(set(signs)) == 1 and signs[0] != 0 else SUPPORTED
     pooled = _vc_difference(table, cfg, metric)
     note = f"per-quantile CI sides of 0: {dict(zip(map(float, cfg.claims.quantiles), signs))}"
+    if (run_dir / "maps.npz").is_file():
+        # When no hooked convolution is bypassed by a skip connection, VC only rescales each map.
+        largest = _largest_vc_deviation(run_dir, cfg)
+        note += f"; largest deviation of the VC maps from proportionality: {largest:.2e}"
     return _row("E2-efficientnet_b0", claim, run_dir, f"{metric} difference, VC on - off (pooled)",
                 pooled, rule, verdict, note)
 

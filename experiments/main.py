@@ -45,10 +45,12 @@ def _accepted_overrides(config_name: str, overrides: list[str]) -> list[str]:
     return accepted
 
 
-def stage_config(cfg: DictConfig, config_name: str, output_dir: Path, extra: list[str]) -> DictConfig:
-    """Compose the config of one stage with the main job's paths and stage overrides."""
+def stage_config(
+    cfg: DictConfig, config_name: str, output_dir: Path, extra: list[str], stage: str | None = None
+) -> DictConfig:
+    """Compose the config of one stage, writing into ``<output_dir>/<stage or config_name>``."""
     overrides = [
-        f"paths.output_dir={output_dir / config_name}",
+        f"paths.output_dir={output_dir / (stage or config_name)}",
         f"paths.results_dir={absolute_path(cfg.paths.results_dir)}",
         f"paths.figures_dir={absolute_path(cfg.paths.figures_dir)}",
         f"paths.cache_dir={absolute_path(cfg.paths.cache_dir)}",
@@ -92,7 +94,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("Stage e2_magnitude for model=%s on %s images (models.%s)", name, images, name)
         saved = min(int(images), int(cfg.max_saved_images))
         extra = [f"model={name}", f"evaluation.num_images={images}", f"e2.saved_images={saved}", *progress]
-        summaries["e2"][name] = e2_magnitude.run(stage_config(cfg, "e2_magnitude", output_dir, extra))
+        summaries["e2"][name] = e2_magnitude.run(
+            stage_config(cfg, "e2_magnitude", output_dir, extra, stage=f"e2_magnitude-{name}")
+        )
     from scripts.plot_e2 import plot_all as plot_e2
 
     e2_runs = {summary["model"]: Path(summary["store_dir"]) for summary in summaries["e2"].values()}

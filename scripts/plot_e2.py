@@ -154,8 +154,11 @@ def _pick_parchgrad(settings: list[str], vc: bool) -> str | None:
     return matches[0] if matches else None
 
 
-def plot_maps(model: str, run_dir: Path, path: Path) -> Path | None:
-    """Draw the qualitative grid of one model: image, plain, ParchGrad without VC, ParchGrad with VC."""
+def plot_maps(model: str, run_dir: Path, path: Path, max_rows: int = 6) -> Path | None:
+    """Draw the qualitative grid of one model: image, plain, ParchGrad without VC, ParchGrad with VC.
+
+    The first ``max_rows`` saved images are shown; E2 may save more for the claims report.
+    """
     maps_file = run_dir / "maps.npz"
     if not maps_file.is_file():
         log.warning("No maps.npz in %s; skipping the qualitative grid of %s", run_dir, model)
@@ -165,7 +168,7 @@ def plot_maps(model: str, run_dir: Path, path: Path) -> Path | None:
     columns = [("plain", "plain"), (_pick_parchgrad(settings, False), "no VC"), (_pick_parchgrad(settings, True), "VC")]
     columns = [(name, title) for name, title in columns if name is not None]
     images = saved["images"]
-    rows = images.shape[0]
+    rows = min(images.shape[0], max_rows)
 
     figure, axes = plt.subplots(rows, len(columns) + 1, figsize=(2.0 * (len(columns) + 1), 2.0 * rows), squeeze=False)
     for row in range(rows):
