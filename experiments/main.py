@@ -82,9 +82,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     progress = [f"progress={str(bool(cfg.progress)).lower()}"]
     summaries: dict[str, Any] = {}
 
+    # prepare and sanity list all three models; drop those that the main job does not run.
+    dropped = [f"~models.{name}" for name in ("resnet18", "vgg16", "efficientnet_b0") if name not in cfg.models]
     if cfg.prepare:
         log.info("Stage prepare: benchmark and reference models (prepare)")
-        summaries["prepare"] = prepare.run(stage_config(cfg, "prepare", output_dir, progress))
+        summaries["prepare"] = prepare.run(stage_config(cfg, "prepare", output_dir, progress + dropped))
 
     log.info("Stage e1_aggregation")
     summaries["e1"] = e1_aggregation.run(stage_config(cfg, "e1_aggregation", output_dir, []))
@@ -104,8 +106,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.sanity:
         log.info("Stage sanity (sanity)")
-        models = [f"~models.{name}" for name in ("resnet18", "vgg16", "efficientnet_b0") if name not in cfg.models]
-        summaries["sanity"] = sanity.run(stage_config(cfg, "sanity", output_dir, models))
+        summaries["sanity"] = sanity.run(stage_config(cfg, "sanity", output_dir, dropped))
 
     log.info("Stage claims")
     claim_inputs = [f"claims.e1_dir={summaries['e1']['store_dir']}"]
