@@ -48,8 +48,8 @@ class AttributionMethod:
     ``compute(forward, inputs, target, forward_args, **options)`` returns the
     ``[B, 3, H, W]`` attribution before reduction: signed for ``grad``,
     ``inputgrad`` and ``ig``, already ``|grad|`` averaged over noise for
-    ``smoothgrad``. ``absolute_before_mean`` says whether the map is
-    ``mean_c |a_c|`` (True) or ``|mean_c a_c|`` (False, Integrated Gradients).
+    ``smoothgrad``. ``absolute_before_mean`` is True when the map is
+    ``mean_c |a_c|`` and False when it is ``|mean_c a_c|`` (Integrated Gradients).
     """
 
     name: str

@@ -41,7 +41,7 @@ EPSILON = 1e-13
 class ChannelSelector(Protocol):
     """Chooses the kept channels H of one layer for a batch.
 
-    ``needs_activation`` tells the controller whether to record the layer's
+    ``needs_activation`` is True when the controller must record the layer's
     per-channel GAP of ``ReLU(conv output)`` for the current input.
     """
 
