@@ -138,3 +138,27 @@ def test_inactive_or_foreign_controller_rejected():
     with parch:
         with pytest.raises(ValueError, match="another model"):
             attribute(other, torch.randn(1, 3, 8, 8), 0, controller=parch)
+
+
+def test_smoothgrad_targets_follow_noise_copies():
+    model = small_resnet()
+
+    class RecordingSelector(RandomSelector):
+        def __init__(self, channels):
+            super().__init__(channels)
+            self.seen = []
+
+        def __call__(self, layer, targets, activation):
+            self.seen.append(targets.clone())
+            return super().__call__(layer, targets, activation)
+
+    selector = RecordingSelector(LAYERS)
+    target = torch.tensor([4, 1])
+    with ParchGrad(model, list(LAYERS), selector) as parch:
+        maps = attribute(model, torch.randn(2, 3, 8, 8), target, "smoothgrad", controller=parch, nt_samples=3)
+    assert maps.shape == (2, 8, 8)
+    # One call per image and layer; each sees its image's target once per noisy copy.
+    expected = [torch.full((3,), 4)] * 2 + [torch.full((3,), 1)] * 2
+    assert len(selector.seen) == len(expected)
+    for seen, wanted in zip(selector.seen, expected):
+        assert torch.equal(seen, wanted)
