@@ -83,8 +83,16 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
         to_plain(cfg.model), data_config, cache_dir=absolute_path(cfg.paths.cache_dir), progress=bool(cfg.progress)
     )
     model = model.eval().to(cfg.device)
-    if info.get("test_accuracy") is not None:
-        log.info("Model %s: test accuracy %.4f", cfg.model.architecture, info["test_accuracy"])
+    accuracy = info.get("test_accuracy")
+    if accuracy is not None:
+        log.info("Model %s: test accuracy %.4f", cfg.model.architecture, accuracy)
+        chance = 1.0 / int(info.get("num_classes") or 1)
+        if accuracy < 2 * chance:
+            log.warning(
+                "Model %s is near chance (test accuracy %.3f, chance %.3f), so its saliency maps say "
+                "little; train longer (model.train.epochs) or on more images (data.num_train).",
+                cfg.model.architecture, accuracy, chance,
+            )
     return model, info
 
 

@@ -34,14 +34,40 @@ from experiments.common import absolute_path
 log = logging.getLogger(__name__)
 
 
+def _has_key(container: dict, dotted: str) -> bool:
+    node: Any = container
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def _accepted_overrides(config_name: str, overrides: list[str]) -> list[str]:
-    """Return the overrides whose key (or config group) exists in ``config_name``."""
+    """Return the overrides that apply to ``config_name`` and log the others.
+
+    Group overrides (``data=imagenet``) apply when the config has that group;
+    they are composed first, so that value overrides are checked against the
+    chosen options (``data.boxes_dir`` exists only in ``data=imagenet``). A
+    value override applies when its key exists, whatever its value (null and
+    ``???`` included).
+    """
     base = compose(config_name)
-    accepted = []
+    groups, values = [], []
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
-        if OmegaConf.select(base, key, default=None) is not None or key in base:
+        is_group = "." not in key and isinstance(OmegaConf.select(base, key, default=None), DictConfig)
+        (groups if is_group else values).append(override)
+
+    accepted = [override for override in groups if override.split("=", 1)[0].lstrip("+~") in base]
+    container = OmegaConf.to_container(compose(config_name, overrides=accepted), resolve=False)
+    for override in values:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if _has_key(container, key):
             accepted.append(override)
+    dropped = [override for override in overrides if override not in accepted]
+    if dropped:
+        log.info("Stage %s does not have these keys; not applied there: %s", config_name, dropped)
     return accepted
 
 

@@ -196,6 +196,8 @@ def attribute(
     spec = ATTRIBUTION_METHODS[method]
     inputs = inputs.detach().requires_grad_()
     attribution = spec.compute(forward, inputs, target, forward_args, **options)
+    # Captum keeps Input x Gradient and IG attached to the graph; the maps are results, not inputs.
+    attribution = attribution.detach()
     if signed:
         return attribution
     if spec.absolute_before_mean:

@@ -129,7 +129,15 @@ class ClassSelector:
 
 
 class InstanceSelector:
-    """Instance-wise (INS) selection from the input's own GAP against dataset mean and std."""
+    """Instance-wise (INS) selection from the input's own GAP against dataset mean and std.
+
+    As in the code release, the comparison is strict (``p < threshold``), so
+    with ``quantile`` the k-th smallest p-value itself is not kept: k - 1
+    channels are, one fewer than :class:`ClassSelector` keeps.
+
+    NOTE: there is no fallback for an empty H, so a quantile with
+    ``int(C * q) <= 1`` keeps no channel and leaves the gradient unchanged.
+    """
 
     needs_activation = True
 

@@ -49,6 +49,7 @@ def test_maps_are_nonnegative_2d(method):
     maps = attribute(model, x, torch.tensor([0, 3]), method, nt_samples=4)
     assert maps.shape == (2, 10, 10)
     assert (maps >= 0).all()
+    assert not maps.requires_grad
 
 
 @pytest.mark.parametrize("method", ["grad", "inputgrad", "ig"])

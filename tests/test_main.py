@@ -68,3 +68,23 @@ def test_main_job_tiny(tmp_path, capsys):
         again = main.run(compose("main", overrides=overrides))
     assert again["e2"]["resnet18"]["skipped"]
     assert again["claims"]["skipped"]
+
+
+def test_stage_overrides_follow_chosen_groups():
+    imagenet = [
+        "data=imagenet",
+        "data.root=/data/imagenet",
+        "data.boxes_dir=/data/val_boxes",
+        "model.weights=IMAGENET1K_V1",
+        "device=cuda",
+        "data.images_per_class=50",
+        "statistics.max_images=null",
+        "claims.data=imagenet",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        e2_overrides = main._accepted_overrides("e2_magnitude", imagenet)
+        claims_overrides = main._accepted_overrides("claims", imagenet)
+        e1_overrides = main._accepted_overrides("e1_aggregation", imagenet)
+    assert e2_overrides == imagenet[:-1]
+    assert claims_overrides == ["claims.data=imagenet"]
+    assert e1_overrides == []
