@@ -290,6 +290,12 @@ class ParchGrad:
             keep = self.selector(name, batch_targets, activation)
             if keep is None:
                 return grad
+            if keep.shape != grad.shape[:2]:
+                raise ValueError(
+                    f"The selector returned a mask of shape {tuple(keep.shape)} for layer {name!r}, "
+                    f"whose output gradient has {grad.shape[1]} channels for {grad.shape[0]} samples. "
+                    "Were the statistics collected for another model? Collect them for this one."
+                )
             return modify_output_gradient(
                 grad,
                 keep,

@@ -331,3 +331,12 @@ def test_modes_are_combinable_in_controller():
             results.append(input_gradient(model, x, target, parch))
     for first, second in itertools.combinations(results, 2):
         assert not torch.allclose(first, second)
+
+
+def test_selector_width_mismatch_names_layer():
+    model = sequential_cnn()
+    selector = FixedSelector()
+    selector.channels = {"2": 32}  # the layer has 16 channels
+    with pytest.raises(ValueError, match="for layer '2', whose output gradient has 16 channels"):
+        with ParchGrad(model, ["2"], selector) as parch:
+            input_gradient(model, torch.randn(1, 3, 8, 8), torch.tensor([0]), parch)
