@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import math
 import os
 import re
 import tempfile

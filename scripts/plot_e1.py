@@ -13,7 +13,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from experiments.common import write_bytes_atomic  # noqa: E402
+from scripts.figures import save_figure  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +38,6 @@ MONTE_CARLO_FIGURE = "e1_monte_carlo.png"
 H_COLOR = "tab:blue"
 L_COLOR = "tab:red"
 TOTAL_COLOR = "black"
-
-
-def _save_figure(figure: plt.Figure, path: Path) -> Path:
-    """Render ``figure`` as PNG and write it atomically, then close it."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
-    plt.close(figure)
-    write_bytes_atomic(path, buffer.getvalue())
-    log.info("Wrote %s", path)
-    return path
 
 
 def _draw_arrows(axis: plt.Axes, vectors: np.ndarray, color: str, alpha: float, width: float) -> None:
@@ -100,7 +89,7 @@ def plot_aggregation(single_draws_path: str | Path, output_path: str | Path) -> 
     for axis, panel in zip(axes[0], panels):
         _draw_panel(axis, panel)
     figure.tight_layout()
-    return _save_figure(figure, Path(output_path))
+    return save_figure(figure, Path(output_path))
 
 
 def plot_monte_carlo(table_path: str | Path, output_path: str | Path) -> Path:
@@ -144,7 +133,7 @@ def plot_monte_carlo(table_path: str | Path, output_path: str | Path) -> Path:
         labels.append("Gaussian-model expectation")
         axes[row, 0].legend(handles, labels, fontsize=7, loc="upper left")
     figure.tight_layout()
-    return _save_figure(figure, Path(output_path))
+    return save_figure(figure, Path(output_path))
 
 
 def plot_all(results_dir: str | Path, figures_dir: str | Path = "figures") -> list[Path]:

@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
@@ -36,7 +35,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from experiments.common import find_completed_runs, write_bytes_atomic  # noqa: E402
+from experiments.common import find_completed_runs  # noqa: E402
+from scripts.figures import save_figure  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +44,6 @@ EXPERIMENT = "e2_magnitude"
 METRIC = "mu_in_w"
 VC_COLORS = {True: "tab:blue", False: "tab:orange"}
 PLAIN_COLOR = "tab:gray"
-
-
-def _save_figure(figure: plt.Figure, path: Path) -> Path:
-    """Render ``figure`` as PNG, write it atomically and close it."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
-    plt.close(figure)
-    write_bytes_atomic(path, buffer.getvalue())
-    log.info("Wrote %s", path)
-    return path
 
 
 def latest_runs(run_dirs: list[Path], data: str | None = None) -> dict[str, Path]:
@@ -113,7 +103,7 @@ def plot_bars(runs: dict[str, Path], path: Path) -> Path:
     axes[0][0].legend(fontsize=8, loc="lower left")
     figure.suptitle("Energy inside the box, weighted by box area (default hooked layers)")
     figure.tight_layout()
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_layer_ratio(runs: dict[str, Path], path: Path) -> Path:
@@ -144,7 +134,7 @@ def plot_layer_ratio(runs: dict[str, Path], path: Path) -> Path:
         axis.set_title(model)
         axis.legend(fontsize=7)
     figure.tight_layout()
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def _pick_parchgrad(settings: list[str], vc: bool) -> str | None:
@@ -186,7 +176,7 @@ def plot_maps(model: str, run_dir: Path, path: Path, max_rows: int = 6) -> Path 
         axis.set_yticks([])
     figure.suptitle(f"E2 saliency maps, {model}")
     figure.tight_layout()
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_all(runs: dict[str, Path], figures_dir: Path) -> list[Path]:

@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
@@ -37,7 +36,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from experiments.common import write_bytes_atomic, write_text_atomic  # noqa: E402
+from experiments.common import write_text_atomic  # noqa: E402
+from scripts.figures import save_figure  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +103,6 @@ def step_means(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["model", "method", "metric", "step"], ignore_index=True)
 
 
-def _save_figure(figure: plt.Figure, path: Path) -> Path:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
-    plt.close(figure)
-    write_bytes_atomic(path, buffer.getvalue())
-    log.info("Wrote %s", path)
-    return path
-
-
 def plot_curves(means: pd.DataFrame, output_path: str | Path) -> Path:
     """Draw one row per model and one column per metric of the mean similarity against the step."""
     models = list(dict.fromkeys(means["model"]))
@@ -147,7 +138,7 @@ def plot_curves(means: pd.DataFrame, output_path: str | Path) -> Path:
                 axis.legend(loc="upper right")
     figure.suptitle("Cascading randomization from the logits down (step 0: trained model)")
     figure.tight_layout()
-    return _save_figure(figure, Path(output_path))
+    return save_figure(figure, Path(output_path))
 
 
 def final_table(means: pd.DataFrame, threshold: float) -> str:

@@ -1,7 +1,6 @@
 """Tests of the claims report: decision rules, the exact VGG check and the written report."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -1,6 +1,5 @@
 """Execute the tutorial notebook with a reduced benchmark; the test fails if any cell raises."""
 
-import os
 from pathlib import Path
 
 import nbformat
