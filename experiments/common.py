@@ -3,9 +3,10 @@
 A run is one resolved configuration. :func:`run_experiment` wraps an
 experiment's body and gives every run the same life cycle:
 
-1. Hash the resolved configuration (:func:`config_hash`). Keys that do not
-   change results are left out: the ``hydra`` node, every value that reads
-   Hydra's runtime (output and log directories), and :data:`NON_RESULT_KEYS`.
+1. Hash the resolved configuration together with a fingerprint of the code
+   (:func:`config_hash`). Keys that do not change results are left out: the
+   ``hydra`` node, every value that reads Hydra's runtime (output and log
+   directories), and :data:`NON_RESULT_KEYS`.
 2. Look for the completion marker ``<results_dir>/<experiment>/<hash>/COMPLETE``.
    If it exists the run is skipped and the stored summary is returned, so a
    multirun that was interrupted resumes where it stopped when started again.
@@ -31,6 +32,7 @@ Layout of the results store (``cfg.paths.results_dir``)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -73,6 +75,7 @@ __all__ = [
     "RunContext",
     "RunResult",
     "absolute_path",
+    "code_fingerprint",
     "config_hash",
     "find_completed_runs",
     "hashed_config",
@@ -168,9 +171,26 @@ def hashed_config(cfg: DictConfig) -> dict:
     return _without_runtime_values(raw, resolved, _runtime_output_dir())
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """Return a SHA-256 prefix of the Python sources that produce results.
+
+    Covers ``parchgrad/``, ``experiments/`` and ``scripts/``, so a finished run
+    is reused only while the code that made it is unchanged.
+    """
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for package in ("parchgrad", "experiments", "scripts"):
+        for source in sorted((root / package).rglob("*.py")):
+            digest.update(str(source.relative_to(root)).encode("utf-8"))
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def config_hash(cfg: DictConfig, length: int = 16) -> str:
-    """Return a hex SHA-256 prefix of the canonical JSON of :func:`hashed_config`."""
-    canonical = json.dumps(hashed_config(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    """Return a hex SHA-256 prefix of :func:`hashed_config` and :func:`code_fingerprint`."""
+    payload = {"config": hashed_config(cfg), "code": code_fingerprint()}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:length]
 
 
@@ -514,6 +534,7 @@ def run_experiment(
             summary = {
                 "experiment": experiment,
                 "config_hash": digest,
+                "code_fingerprint": code_fingerprint(),
                 "output_dir": str(output_dir),
                 "store_dir": str(store_dir),
                 "rows": int(len(result.table)),
