@@ -20,15 +20,11 @@ from hydra.core.hydra_config import HydraConfig
 from experiments import e2_magnitude, evaluate, statistics
 from experiments.common import COMPLETE_MARKER
 from scripts import plot_e2
+from tiny_sizes import TINY_DATA_AND_MODEL
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 TINY_OVERRIDES = [
-    "data.image_size=32",
-    "data.num_train=40",
-    "data.num_val=0",
-    "data.num_test=8",
-    "model.train.max_steps=2",
-    "model.train.epochs=1",
+    *TINY_DATA_AND_MODEL,
     "statistics.max_images=40",
     "statistics.batch_size=20",
     "evaluation.num_images=4",

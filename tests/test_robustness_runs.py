@@ -27,16 +27,12 @@ from experiments import evaluate
 from experiments.common import COMPLETE_MARKER
 from parchgrad.attribution import map_kind
 from parchgrad.metrics import box_energy, mask_energy, pointing_game
+from tiny_sizes import TINY_DATA_AND_MODEL
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 TINY_OVERRIDES = [
-    "data.image_size=32",
-    "data.num_train=40",
-    "data.num_val=0",
-    "data.num_test=8",
-    "model.train.max_steps=2",
-    "model.train.epochs=1",
+    *TINY_DATA_AND_MODEL,
     "statistics.max_images=40",
     "statistics.batch_size=20",
     "evaluation.num_images=4",

@@ -16,15 +16,11 @@ from pathlib import Path
 import pytest
 
 from experiments.common import COMPLETE_MARKER
+from tiny_sizes import TINY_DATA_AND_MODEL
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_OVERRIDES = [
-    "data.image_size=32",
-    "data.num_train=40",
-    "data.num_val=0",
-    "data.num_test=8",
-    "model.train.max_steps=2",
-    "model.train.epochs=1",
+    *TINY_DATA_AND_MODEL,
     "evaluation.num_images=4",
     "evaluation.deletion=false",
     "selection=none",
