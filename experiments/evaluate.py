@@ -222,18 +222,23 @@ def setting_from_config(selection: str, parchgrad: DictConfig) -> Setting:
     )
 
 
-def make_controller(model: nn.Module, architecture: str, statistics, setting: Setting) -> ParchGrad | None:
-    """Return the (inactive) ParchGrad controller of ``setting``, or None for the plain method."""
-    if setting.is_plain:
-        return None
-    layers = resolve_layers(model, architecture=architecture, layers=setting.layers, layer_ratio=setting.layer_ratio)
-    selector = build_selector(
+def make_selector(statistics, setting: Setting):
+    """Return the channel selector of a ParchGrad ``setting`` (``cls`` or ``ins``)."""
+    return build_selector(
         SELECTION_REGISTRY[setting.selection],
         statistics,
         quantile=setting.quantile,
         alpha=setting.alpha,
         p_value_threshold=setting.p_value_threshold,
     )
+
+
+def make_controller(model: nn.Module, architecture: str, statistics, setting: Setting) -> ParchGrad | None:
+    """Return the (inactive) ParchGrad controller of ``setting``, or None for the plain method."""
+    if setting.is_plain:
+        return None
+    layers = resolve_layers(model, architecture=architecture, layers=setting.layers, layer_ratio=setting.layer_ratio)
+    selector = make_selector(statistics, setting)
     return ParchGrad(
         model,
         layers,

@@ -37,7 +37,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments.common import RunContext, RunResult, run_experiment, to_plain
 from parchgrad.sanity import Explainer, cascading_randomization, flag_insensitive, long_format, make_explainer
-from parchgrad.selection import build_selector
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +56,14 @@ def model_view(cfg: DictConfig, name: str) -> DictConfig:
 
 def build_explainers(cfg: DictConfig, architecture: str, statistics: Any) -> tuple[dict[str, Explainer], str]:
     """Return the plain and ParchGrad explainers of ``cfg.sanity`` and the ParchGrad setting's label."""
-    from experiments.evaluate import SELECTION_REGISTRY, setting_from_config
+    from experiments.evaluate import make_selector, setting_from_config
 
     sanity = cfg.sanity
     options = to_plain(sanity.attribution_options) or {}
     setting = setting_from_config(sanity.selection, cfg.parchgrad)
     if setting.is_plain:
         raise ValueError("sanity.selection must be cls or ins; the plain method is always run as well.")
-    selector = build_selector(
-        SELECTION_REGISTRY[setting.selection],
-        statistics,
-        quantile=setting.quantile,
-        alpha=setting.alpha,
-        p_value_threshold=setting.p_value_threshold,
-    )
+    selector = make_selector(statistics, setting)
     explainers = {
         "plain": make_explainer(sanity.attribution, attribution_options=options),
         "parchgrad": make_explainer(
