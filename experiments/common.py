@@ -57,6 +57,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from parchgrad._atomic import write_atomic
+
 log = logging.getLogger(__name__)
 
 # conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml share their names with
@@ -250,22 +252,7 @@ def resolve_path_keys(cfg: DictConfig) -> None:
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as temp_file:
-            temp_file.write(data)
-            temp_file.flush()
-            os.fsync(temp_file.fileno())
-        # mkstemp creates the file readable by its owner only; results are meant to be shared.
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
-    return path
+    return write_atomic(path, lambda file: file.write(data))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -36,6 +35,8 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from parchgrad._atomic import write_atomic
 
 __all__ = [
     "ARCHITECTURES",
@@ -349,19 +350,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(file_object)`` on a temporary file next to ``path``, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file_object:
-            write(file_object)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def checkpoint_paths(
     architecture: str,
     data_key: str,
@@ -494,7 +482,7 @@ def load_reference_model(
     if progress:
         print(f"{architecture}: test accuracy {accuracy:.4f} ({len(test_set)} images)")
 
-    _atomic_write_bytes(state_path, lambda handle: torch.save(model.state_dict(), handle))
+    write_atomic(state_path, lambda handle: torch.save(model.state_dict(), handle))
     info = {
         "architecture": architecture,
         "num_classes": num_classes,
@@ -512,7 +500,7 @@ def load_reference_model(
         "torchvision_version": torchvision.__version__,
     }
     text = json.dumps(info, indent=2, default=str) + "\n"
-    _atomic_write_bytes(sidecar_path, lambda handle: handle.write(text.encode()))
+    write_atomic(sidecar_path, lambda handle: handle.write(text.encode()))
     info.update(checkpoint=str(state_path), data_root=str(data_root), cached=False)
     return model, info
 

@@ -38,7 +38,6 @@ import importlib.metadata
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from parchgrad._atomic import write_atomic
 from parchgrad.layers import conv_layer_names, resolve_layers
 
 __all__ = [
@@ -88,21 +88,8 @@ _IDENTITY_KEYS = ("model_name", "weights_id", "dataset_id")
 
 
 def _atomic_torch_save(payload: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``payload`` with ``torch.save`` to a temporary file beside ``path``, then rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(dict(payload), file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    return path
+    """Write ``payload`` with ``torch.save`` atomically (see :func:`parchgrad._atomic.write_atomic`)."""
+    return write_atomic(path, lambda file: torch.save(dict(payload), file))
 
 
 def _load_payload(path: str | os.PathLike, expected_format: str) -> dict[str, Any]:
