@@ -29,15 +29,10 @@ Run ``python -m benchmarks.statistics_bench``; it prints a table and writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import resource
-import tempfile
 import threading
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import scipy.stats
@@ -46,6 +41,8 @@ import torchvision
 
 from parchgrad.layers import conv_layer_names
 from parchgrad.statistics import StatisticsAccumulator
+
+from .report import print_table, save_results
 
 NUM_SAMPLES = 50_000
 NUM_CLASSES = 1_000
@@ -58,7 +55,6 @@ TARGET_SECONDS = 20.0
 TARGET_PEAK_BYTES = 2 * 1024**3
 TARGET_SPEEDUP = 250.0
 
-RESULTS_PATH = Path(__file__).resolve().parent / "results" / "statistics_bench.json"
 
 
 def resnet18_layer_channels() -> dict[str, int]:
@@ -232,55 +228,12 @@ def _run() -> list[dict]:
     ]
 
 
-def format_table(rows: list[dict]) -> str:
-    header = ("item", "measured", "target", "pass/fail")
-    lines = []
-    for entry in rows:
-        if entry["passed"] is None:
-            verdict = ""
-        else:
-            verdict = "pass" if entry["passed"] else "FAIL"
-        measured = f"{entry['measured']} {entry['unit']}".strip()
-        lines.append((entry["item"], measured, entry["target"], verdict))
-    widths = [max(len(str(line[column])) for line in [header, *lines]) for column in range(4)]
-    return "\n".join("  ".join(str(value).ljust(width) for value, width in zip(line, widths)) for line in [header, *lines])
-
-
-def save_results(rows: list[dict], path: Path = RESULTS_PATH) -> Path:
-    """Write the rows and the machine description to ``path`` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "benchmark": "statistics_bench",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "scipy": scipy.__version__,
-            "numpy": np.__version__,
-        },
-        "process_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
-        "rows": rows,
-    }
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(payload, file, indent=2, default=str)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
     rows = run(parser.parse_args().threads)
-    print(format_table(rows))
-    print(f"results written to {save_results(rows)}")
+    print_table(rows)
+    save_results("statistics_bench", rows)
 
 
 if __name__ == "__main__":
