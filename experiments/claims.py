@@ -14,9 +14,9 @@ Internal Gradients for Reliable Saliency Map":
   few relevant ones and turn the direction of the total.
 - E2 ResNet18: variance conservation (VC) puts more of the gradient inside the
   bounding boxes.
-- E2 VGG16: VC has no effect, because the gradient path is sequential; checked
-  exactly (maps with and without VC proportional image by image) and by the
-  paired difference of ``mu_in_w``.
+- E2 VGG16: VC has no effect, because the gradient path is sequential. It is
+  checked exactly (maps with and without VC proportional image by image) and
+  by the paired difference of ``mu_in_w``.
 - E2 EfficientNet-B0: the effect of VC is inconclusive.
 - Overall: class-wise ParchGrad localizes better than the plain method.
 

@@ -18,7 +18,7 @@ Metrics, one row per image in ``results.csv``, next to the setting's columns and
   ``evaluation.deletion_ratios``. The per-ratio values go to ``deletion.csv``. ``summary.json`` and ``table.md`` hold the means with 95%
 confidence intervals.
 
-This module also holds the helpers that the E2 experiment shares: loading the
+This module also contains the helpers that the E2 experiment shares: loading the
 model and images, building a :class:`Setting`'s controller, computing maps and
 scoring them.
 """

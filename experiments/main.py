@@ -46,9 +46,9 @@ def _has_key(container: dict, dotted: str) -> bool:
 def _accepted_overrides(config_name: str, overrides: list[str]) -> list[str]:
     """Return the overrides that apply to ``config_name`` and log the others.
 
-    Group overrides (``data=imagenet``) apply when the config has that group;
-    they are composed first, so that value overrides are checked against the
-    chosen options (``data.boxes_dir`` exists only in ``data=imagenet``). A
+    Group overrides (``data=imagenet``) apply when the config has that group.
+    They are composed first, so value overrides are checked against the chosen
+    options (``data.boxes_dir`` exists only in ``data=imagenet``). A
     value override applies when its key exists, whatever its value (null and
     ``???`` included).
     """

@@ -6,7 +6,7 @@ each returns an ``[B, H, W]`` map from the input gradient of the target class:
 - ``grad``: Captum ``Saliency``; ``|grad|``, mean over colour channels.
 - ``inputgrad``: Captum ``InputXGradient``; ``|x * grad|``, mean over colour channels.
 - ``ig``: Captum ``IntegratedGradients`` with a zero baseline, 26 points
-  ``i / 25`` and the trapezoid rule (``riemann_trapezoid``); the signed
+  ``i / 25`` and the trapezoid rule (``riemann_trapezoid``). The signed
   attribution is averaged over colour channels, then made absolute.
 - ``smoothgrad``: Captum ``NoiseTunnel`` over ``Saliency`` with 25 noisy
   copies, noise standard deviation ``0.15 * (max(x) - min(x))`` of each image,

@@ -157,7 +157,7 @@ class ParchGrad:
     """Context manager that applies ParchGrad to the chosen convolutions of a model.
 
     While active, a forward hook on each layer in ``layers`` attaches a tensor
-    hook to the convolution's output; in the backward pass that hook asks
+    hook to the convolution's output. In the backward pass that hook calls
     ``selector`` for the kept channels of the batch and returns
     :func:`modify_output_gradient`'s result. Every handle is removed on exit,
     including when an exception is raised inside the block or the backward pass.

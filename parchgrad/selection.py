@@ -77,7 +77,7 @@ class AllChannelsSelector:
     needs_activation = False
 
     def __call__(self, layer: str, targets: Tensor, activation: Tensor | None) -> None:
-        # None tells the controller that H is every channel, which skips all work.
+        # None marks H as every channel, so the controller skips all work.
         return None
 
 

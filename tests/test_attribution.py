@@ -158,8 +158,8 @@ def test_smoothgrad_targets_follow_noise_copies():
     with ParchGrad(model, list(LAYERS), selector) as parch:
         maps = attribute(model, torch.randn(2, 3, 8, 8), target, "smoothgrad", controller=parch, nt_samples=3)
     assert maps.shape == (2, 8, 8)
-    # One call per image and layer; each sees its image's target once per noisy copy.
+    # One call per image and layer, with that image's target once per noisy copy.
     expected = [torch.full((3,), 4)] * 2 + [torch.full((3,), 1)] * 2
     assert len(selector.seen) == len(expected)
-    for seen, wanted in zip(selector.seen, expected):
-        assert torch.equal(seen, wanted)
+    for seen, expected_targets in zip(selector.seen, expected):
+        assert torch.equal(seen, expected_targets)
